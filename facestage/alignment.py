@@ -117,7 +117,7 @@ def align_face(
         flags=cv2.INTER_AREA,
         borderMode=cv2.BORDER_REPLICATE,
     )
-    return AlignedCrop(crop=crop, matrix=matrix)
+    return AlignedCrop(crop=np.asarray(crop, dtype=np.uint8), matrix=matrix)
 
 
 def box_mask(
@@ -140,7 +140,7 @@ def box_mask(
     mask[:, : max(blur_area, int(size * left / 100))] = 0
     mask[:, -max(blur_area, int(size * right / 100)) :] = 0
     if blur_px > 0:
-        mask = cv2.GaussianBlur(mask, (0, 0), blur_px * 0.25)
+        mask = np.asarray(cv2.GaussianBlur(mask, (0, 0), blur_px * 0.25), dtype=np.float32)
     return mask
 
 

@@ -141,7 +141,7 @@ def decode_raw(
     if raw.channel_order == common_pb2.CHANNEL_ORDER_RGB:
         return np.ascontiguousarray(array[..., ::-1])
     if raw.channel_order == common_pb2.CHANNEL_ORDER_GRAY:
-        return cv2.cvtColor(array, cv2.COLOR_GRAY2BGR)
+        return np.asarray(cv2.cvtColor(array, cv2.COLOR_GRAY2BGR), dtype=np.uint8)
     return array
 
 
@@ -165,7 +165,7 @@ def encode_raw(
 
 def encode_bytes(frame: VisionFrame, image_format: int, quality: int = 95) -> bytes:
     """Encodes a BGR frame as JPEG, PNG or WebP bytes."""
-    ext = _ENCODE_EXT.get(image_format)
+    ext = _ENCODE_EXT.get(image_format)  # type: ignore[call-overload]
     if ext is None:
         raise InvalidArgumentError("output_format", f"cannot encode to format {image_format}")
     params: list[int] = []

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 # `_created` series double the scrape size and no dashboard or rule reads them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

@@ -46,7 +46,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
@@ -91,7 +93,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         metrics.REQUEST_DURATION.labels(self.stage, method).observe(time.perf_counter() - started)
 
     @staticmethod
-    def _code_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode:
+    def _code_of(
+        context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None
+    ) -> grpc.StatusCode:
         if isinstance(exc, asyncio.CancelledError):
             return grpc.StatusCode.CANCELLED
         if isinstance(exc, FacestageError):
@@ -123,7 +127,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return wrapper
 
     def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def wrapper(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             started = time.perf_counter()
             in_flight = metrics.REQUESTS_IN_FLIGHT.labels(self.stage, method)
             in_flight.inc()
@@ -244,7 +250,11 @@ class GrpcServer:
         log.info("draining (grace %.1f s)", grace)
         await self.health.enter_graceful_shutdown()
         self._serving_gauge.set(0)
-        await self.server.stop(grace)
+        notice = min(self.settings.drain_notice_s, grace)
+        if notice > 0:
+            # Still accepting calls while NOT_SERVING spreads to balancers and probes.
+            await asyncio.sleep(notice)
+        await self.server.stop(grace - notice)
         if self._on_close is not None:
             await self._on_close()
         self._stopped.set()

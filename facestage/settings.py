@@ -78,6 +78,12 @@ class ServerSettings(BaseSettings):
         description="On SIGTERM, report NOT_SERVING and let in-flight calls finish for "
         "up to this many seconds before stopping.",
     )
+    drain_notice_s: float = Field(
+        1.0,
+        ge=0,
+        description="On SIGTERM, report NOT_SERVING for this long (within the grace) before "
+        "refusing new calls, so load balancers and clients stop picking this replica.",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
 
     STAGE: ClassVar[str] = "server"

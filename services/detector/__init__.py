@@ -1,0 +1,1 @@
+"""The detector stage: face detection models behind one interface, served over gRPC."""
