@@ -277,10 +277,22 @@ def resolve_model(name_or_path: str | Path, cache_dir: Path | None = None) -> Pa
     spec = manifest.find_spec(str(name_or_path))
     if spec is not None:
         return cache_path(spec, cache_dir)
+    looks_like_path = candidate.suffix == ".onnx" or len(candidate.parts) > 1
+    if looks_like_path:
+        # A missing file named like a manifest model (w600k_r50.onnx) says which to pull.
+        known = manifest.find_spec(candidate.name) or manifest.find_spec(candidate.stem)
+        raise ModelFileError(
+            str(name_or_path),
+            "not found",
+            pull_hint(known)
+            if known is not None
+            else "fetch a model with: facestage models pull NAME (names: facestage models list)",
+        )
     raise ModelFileError(
         str(name_or_path),
         "not found, and not a model name of the manifest",
-        "see the known models with: facestage models list",
+        "see the known models with: facestage models list, "
+        "then fetch one with: facestage models pull NAME",
     )
 
 
