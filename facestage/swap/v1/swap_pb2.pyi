@@ -153,7 +153,7 @@ class SwapOptions(_message.Message):
     face_position: _builtins.int
     """Mode one: index in `face_selector_order` of the face to swap (default 0)."""
     reference_face_distance: _builtins.float
-    """Mode reference: largest identity distance (1 - cosine, 0..1) that still
+    """Mode reference: largest identity distance ((1 - cosine) / 2, 0..1) that still
     matches (default 0.3).
     """
     enhance: _builtins.bool
