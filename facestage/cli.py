@@ -239,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     """Runs ``facestage`` with ``argv`` (default: the process arguments); returns the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "pass_through", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # Commands whose flags belong to a settings class (serve) take the rest as is.
+        if getattr(args, "pass_through", False):
+            args.settings = [*getattr(args, "settings", []), *extra]
     except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler = cast(Handler, args.handler)

@@ -74,7 +74,7 @@ async def running_stage(
     try:
         yield server, channel
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.drain(0)
 
 
