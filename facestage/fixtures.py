@@ -119,9 +119,13 @@ def build_arcface_fixture() -> Any:
     return _model(graph, onnx)
 
 
-def build_inswapper_fixture() -> Any:
+def build_inswapper_fixture(embedding_size: int = 512) -> Any:
     """inswapper_128's interface: ``target`` [1,3,128,128] and ``source`` [1,512] ->
     ``output`` [1,3,128,128], with a 512x512 ``emap`` as the graph's last initializer.
+
+    ``embedding_size`` other than 512 makes a variant for another recogniser (a 128-d
+    one lets tests pair the swap plumbing with the real MobileFaceNet); the production
+    contract is 512.
 
     Computation: Sigmoid(conv(target) + a per-channel term and a per-pixel term, both
     linear in ``source``). Different source latents therefore give clearly different
@@ -134,9 +138,10 @@ def build_inswapper_fixture() -> Any:
     rng = np.random.default_rng(_SEEDS["inswapper"])
     conv_w = _smoothing_conv(rng, gain=4.0, noise=0.1)
     conv_b = np.full(3, -2.0, dtype=np.float32)  # 4t - 2 keeps Sigmoid away from saturation
-    channel_w = rng.normal(0.0, 1.0, size=(512, 3)).astype(np.float32)
-    pixel_w = rng.normal(0.0, 1.0, size=(512, 16 * 16)).astype(np.float32)
-    emap = (rng.normal(0.0, 1.0, size=(512, 512)) / np.sqrt(512)).astype(np.float32)
+    size = embedding_size
+    channel_w = rng.normal(0.0, 1.0, size=(size, 3)).astype(np.float32)
+    pixel_w = rng.normal(0.0, 1.0, size=(size, 16 * 16)).astype(np.float32)
+    emap = (rng.normal(0.0, 1.0, size=(size, size)) / np.sqrt(size)).astype(np.float32)
     nodes = [
         helper.make_node("Conv", ["target", "mix_w", "mix_b"], ["mixed"], pads=[1, 1, 1, 1]),
         helper.make_node("MatMul", ["source", "channel_w"], ["channel_flat"]),
@@ -166,7 +171,7 @@ def build_inswapper_fixture() -> Any:
         "inswapper_128_fixture",
         [
             helper.make_tensor_value_info("target", tp.FLOAT, [1, 3, 128, 128]),
-            helper.make_tensor_value_info("source", tp.FLOAT, [1, 512]),
+            helper.make_tensor_value_info("source", tp.FLOAT, [1, size]),
         ],
         [helper.make_tensor_value_info("output", tp.FLOAT, [1, 3, 128, 128])],
         initializer=initializers,

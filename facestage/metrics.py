@@ -113,6 +113,16 @@ ORCH_JOBS = Counter(
 )
 
 
+GPU_METRIC_NAMES = (
+    "facestage_gpu_available",
+    "facestage_gpu_utilization_ratio",
+    "facestage_gpu_memory_used_bytes",
+    "facestage_gpu_memory_total_bytes",
+    "facestage_process_gpu_memory_bytes",
+)
+"""Every series :class:`GpuCollector` can export (per-GPU ones only with a GPU)."""
+
+
 class GpuCollector(Collector):
     """Reads GPU utilisation and memory from NVML at every scrape (nvidia-ml-py).
 

@@ -7,6 +7,7 @@ codes and clean-up, never how a swap looks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from fractions import Fraction
 from pathlib import Path
@@ -20,8 +21,10 @@ from prometheus_client import REGISTRY
 
 from facestage.common.v1 import common_pb2
 from facestage.imaging import decode_image, sniff_format
+from facestage.runtime import open_session
 from facestage.swap.v1 import swap_pb2
 from orchestrator.video import probe
+from tests.integration.conftest import running_stage
 from tests.integration.orchestrator_helpers import (
     running_orchestrator,
     running_stages,
@@ -600,3 +603,61 @@ async def test_swap_video_cancelled_during_the_upload_deletes_the_spooled_part(
             break
         await asyncio.sleep(0.05)
     assert jobs_total("video", "cancelled") == cancelled_before + 1
+
+
+@pytest.mark.shared_models
+async def test_reference_mode_with_the_real_recogniser_swaps_only_the_matching_face(
+    scrfd_2_5g_path: Path,
+    mobilefacenet_path: Path,
+    tmp_path: Path,
+    t1_bgr: np.ndarray,
+    t1_jpeg: bytes,
+    astronaut_bgr: np.ndarray,
+) -> None:
+    """Matching is real here: the real 128-d MobileFaceNet embeds the target faces and a
+    reference photo of one of them (a re-framed, rescaled, brightened copy, not the same
+    pixels); only that face is swapped. The swapper is an inswapper-shaped fixture sized
+    for 128-d identities (plumbing, not a swap)."""
+    import onnx
+
+    from facestage.fixtures import build_inswapper_fixture
+    from services.detector.model import DetectionOptions, load_detector
+
+    swapper_path = tmp_path / "inswapper_128d_fixture.onnx"
+    onnx.save_model(build_inswapper_fixture(embedding_size=128), str(swapper_path))
+    faces = load_detector(open_session(scrfd_2_5g_path, ["cpu"])).detect(
+        [t1_bgr], DetectionOptions()
+    )[0]
+    person = faces[2]
+    x0, y0, x1, y1 = person.box.astype(int)
+    w, h = x1 - x0, y1 - y0
+    portrait = t1_bgr[max(y0 - h, 0) : y1 + h, max(x0 - w, 0) : x1 + w]
+    portrait = cv2.resize(portrait, None, fx=1.7, fy=1.7, interpolation=cv2.INTER_CUBIC)
+    portrait = cv2.convertScaleAbs(portrait, alpha=1.1, beta=12)
+    ok, reference = cv2.imencode(".jpg", portrait, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert ok
+    async with contextlib.AsyncExitStack() as stack:
+        targets = {"enhancer": ""}
+        for stage, model in (
+            ("detector", scrfd_2_5g_path),
+            ("embedder", mobilefacenet_path),
+            ("swapper", swapper_path),
+        ):
+            server, _ = await stack.enter_async_context(running_stage(stage, model))  # type: ignore[arg-type]
+            targets[stage] = f"127.0.0.1:{server.port}"
+        _, channel = await stack.enter_async_context(running_orchestrator(targets))
+        reply = await swap_stub(channel).SwapImage(
+            image_request(
+                astronaut_bgr,
+                t1_jpeg,
+                face_selector_mode=swap_pb2.FACE_SELECTOR_MODE_REFERENCE,
+                reference_face_image=common_pb2.Image(encoded=reference.tobytes()),
+            )
+        )
+    assert len(reply.target_faces) == 6
+    assert len(reply.swapped_face_indices) == 1
+    swapped = reply.target_faces[reply.swapped_face_indices[0]]
+    centre = np.array(
+        [(swapped.box.x_min + swapped.box.x_max) / 2, (swapped.box.y_min + swapped.box.y_max) / 2]
+    )
+    assert np.linalg.norm(centre - person.box.reshape(2, 2).mean(axis=0)) < 5
