@@ -151,7 +151,7 @@ def in_process(video: Path, output: Path, models: dict[str, str]) -> tuple[float
     crop = align_face(source, face.landmarks, embedder.template, embedder.crop_size_px).crop
     identity = normalize_embeddings(embedder.embed(crop[None]))
     frames = 0
-    with VideoWriter(output, target=probe(video)) as writer:
+    with VideoWriter(output, target=video) as writer:
         for frame in iter_frames(video):
             frame = np.array(frame, copy=True)
             for target in detector.detect([frame], DetectionOptions())[0]:

@@ -15,30 +15,23 @@
 
 Whatever ends a job (success, an error, the client cancelling, the server draining), the
 pipeline task is cancelled, the encoder aborted and the job directory deleted, in one
-place: :meth:`_VideoJob.close`. Errors are raised as :mod:`facestage.errors` exceptions
+place: :meth:`VideoJob.close`. Errors are raised as :mod:`facestage.errors` exceptions
 and mapped to status codes by the server's interceptor.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import math
-import shutil
-import tempfile
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal
 
 import av
 
-from facestage import metrics
 from facestage.common.v1 import common_pb2
 from facestage.errors import (
     FailedPreconditionError,
@@ -52,6 +45,17 @@ from facestage.stage import decode_images
 from facestage.swap.v1 import swap_pb2, swap_pb2_grpc
 from facestage.types import Embedding, VisionFrame
 from orchestrator.clients import StageClients
+from orchestrator.jobs import (
+    GuardedFrames,
+    GuardedWriter,
+    JobProgress,
+    JobSlots,
+    JobState,
+    Spool,
+    VideoJob,
+    discard_rest,
+    run_blocking,
+)
 from orchestrator.pipeline import STAGE, StreamStats, SwapParams, SwapPipeline
 from orchestrator.selection import selection_from_proto
 from orchestrator.settings import OrchestratorSettings
@@ -69,8 +73,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: Final = swap_pb2.DESCRIPTOR.services_by_name["FaceSwapService"].full_name
 
-JobKind = Literal["image", "video"]
-JobState = Literal["succeeded", "failed", "cancelled"]
 
 DEFAULT_OUTPUT_FORMAT: Final = common_pb2.IMAGE_FORMAT_PNG
 MAX_OUTPUT_SIDE_PX: Final = 8192
@@ -78,13 +80,6 @@ MAX_OUTPUT_FPS: Final = 240.0
 
 VIDEO_FIELD: Final = "chunk"
 """Request field named in errors about the uploaded video (its bytes arrive as chunks)."""
-
-_SPOOL_WRITE_BYTES = 1024 * 1024
-"""Uploaded chunks are gathered to this size before one write, whatever the client sends."""
-
-_DISCARD_MAX_BYTES = 16 * 1024 * 1024
-_DISCARD_MAX_S = 5.0
-"""Bounds of what a failed upload still reads (and drops) before its error is sent."""
 
 
 @dataclass(frozen=True)
@@ -312,270 +307,6 @@ def resampled_count(count: int, source_fps: Fraction, output_fps: Fraction) -> i
 # --- jobs: admission, metrics, clean-up ---------------------------------------------------
 
 
-class _JobSlots:
-    """Admission control: at most ``limit`` jobs at once; the rest RESOURCE_EXHAUSTED."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def acquire(self, kind: JobKind) -> _JobTicket:
-        # Refusing at once (rather than queueing) lets a client retry on another replica.
-        if self.active >= self.limit:
-            raise ResourceExhaustedError(
-                f"this orchestrator is running its maximum of {self.limit} jobs; retry later"
-            )
-        self.active += 1
-        metrics.ORCH_JOBS_IN_PROGRESS.labels(STAGE, kind).inc()
-        return _JobTicket(self, kind)
-
-
-class _JobTicket:
-    """One admitted job; :meth:`finish` frees its slot and counts its end state once."""
-
-    def __init__(self, slots: _JobSlots, kind: JobKind) -> None:
-        self._slots = slots
-        self.kind = kind
-        self._finished = False
-
-    def finish(self, state: JobState) -> None:
-        """Frees the slot and counts the job as ``state``; later calls do nothing."""
-        if self._finished:
-            return
-        self._finished = True
-        self._slots.active -= 1
-        metrics.ORCH_JOBS_IN_PROGRESS.labels(STAGE, self.kind).dec()
-        metrics.ORCH_JOBS.labels(STAGE, self.kind, state).inc()
-
-
-T = TypeVar("T")
-
-
-async def _blocking(function: Callable[..., T], *args: Any) -> T:
-    """Runs ``function`` in a thread; if cancelled, waits for the thread before re-raising.
-
-    A plain ``asyncio.to_thread`` returns at once on cancellation while its thread keeps
-    running; a job's clean-up must not delete files a thread is still writing.
-    """
-    future = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait({future})
-        raise
-
-
-class _GuardedFrames(Iterator[VisionFrame]):
-    """Frames from a decoder that can be closed from another thread between two frames.
-
-    The pipeline reads frames in worker threads; closing the decoder while one of them
-    is inside ``next`` would free FFmpeg state under its feet, so both take one lock.
-    ``frames`` is what is iterated (the decoder, or frames derived from it); ``decoder``
-    is closed explicitly, as a wrapping generator does not close what it iterates.
-    """
-
-    def __init__(self, frames: Iterator[VisionFrame], decoder: Iterator[VisionFrame]) -> None:
-        self._frames = frames
-        self._decoder = decoder
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def __next__(self) -> VisionFrame:
-        with self._lock:
-            if self._closed:
-                raise StopIteration
-            return next(self._frames)
-
-    def close(self) -> None:
-        """Stops the iteration and closes the decoder (waits for a frame being read)."""
-        with self._lock:
-            self._closed = True
-            for iterator in (self._frames, self._decoder):
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-
-
-class _GuardedWriter:
-    """A VideoWriter whose abort waits for a frame being encoded in another thread."""
-
-    def __init__(self, writer: VideoWriter) -> None:
-        self.writer = writer
-        self._lock = threading.Lock()
-        self._ended = False
-
-    def write(self, frame: VisionFrame) -> None:
-        """Encodes one frame; refused once the job has ended."""
-        with self._lock:
-            if self._ended:
-                raise RuntimeError("the job has ended; no more frames are written")
-            self.writer.write(frame)
-
-    def commit(self) -> Path:
-        """Finishes the file and renames it into place."""
-        with self._lock:
-            self._ended = True
-            return self.writer.commit()
-
-    def abort(self) -> None:
-        """Discards the output (no-op after a commit)."""
-        with self._lock:
-            if not self._ended:
-                self._ended = True
-                self.writer.abort()
-
-
-class _Progress:
-    """Frames done, as the pipeline reports them, and the rate since the job started."""
-
-    def __init__(self, frames_total: int) -> None:
-        self.frames_total = frames_total
-        self.frames_done = 0
-        self.started = time.monotonic()
-
-    def update(self, frames_done: int) -> None:
-        """The pipeline's progress callback (on the event loop)."""
-        self.frames_done = frames_done
-
-    def message(self, final: bool = False) -> swap_pb2.SwapVideoResponse:
-        """A progress message; ``final`` makes the total what was really done."""
-        done = self.frames_done
-        # The total is an estimate when the container does not state it: never report
-        # more frames done than the total, and end exactly on what was done.
-        total = done if final else max(self.frames_total, done)
-        elapsed = time.monotonic() - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else 0.0
-        return swap_pb2.SwapVideoResponse(
-            progress=swap_pb2.SwapVideoProgress(
-                frames_done=done,
-                frames_total=total,
-                frames_per_second=rate,
-                eta_seconds=eta,
-            )
-        )
-
-
-_CLOSING: set[asyncio.Task[None]] = set()
-
-
-class _VideoJob:
-    """Everything one SwapVideo call owns on disk and in tasks, released by :meth:`close`."""
-
-    def __init__(self, ticket: _JobTicket, spool_dir: Path) -> None:
-        self.ticket = ticket
-        self.spool_dir = spool_dir
-        self.state: JobState = "cancelled"
-        self.upload_done = False
-        """The client has half-closed: every request message has been read."""
-        self.directory: Path | None = None
-        self.frames: _GuardedFrames | None = None
-        self.writer: _GuardedWriter | None = None
-        self.task: asyncio.Task[StreamStats] | None = None
-        self._closing: asyncio.Task[None] | None = None
-
-    async def make_directory(self) -> Path:
-        """Creates the job's own directory under the spool directory."""
-        self.directory = Path(
-            await _blocking(tempfile.mkdtemp, "", "facestage-job-", str(self.spool_dir))
-        )
-        return self.directory
-
-    def close_soon(self) -> None:
-        """Starts :meth:`close` without waiting (from the RPC's done callback)."""
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-            # The loop keeps only weak references to tasks; this one must outlive the RPC.
-            _CLOSING.add(self._closing)
-            self._closing.add_done_callback(_CLOSING.discard)
-
-    async def close(self) -> None:
-        """Cancels the pipeline, aborts the encoder, deletes the job directory; idempotent.
-
-        Shielded: a second cancellation of the caller must not stop a clean-up halfway.
-        """
-        self.close_soon()
-        assert self._closing is not None
-        await asyncio.shield(self._closing)
-
-    async def _close(self) -> None:
-        try:
-            if self.task is not None and not self.task.done():
-                self.task.cancel()
-                await asyncio.wait({self.task})
-            if self.task is not None and self.task.done() and not self.task.cancelled():
-                self.task.exception()  # retrieved here; the handler reports it
-            frames, writer, directory = self.frames, self.writer, self.directory
-
-            def release() -> None:
-                if frames is not None:
-                    frames.close()
-                if writer is not None:
-                    writer.abort()
-                if directory is not None:
-                    shutil.rmtree(directory, ignore_errors=True)
-
-            await asyncio.to_thread(release)
-        finally:
-            self.ticket.finish(self.state)
-
-
-class _Spool:
-    """Writes the upload to a file in large writes, off the event loop."""
-
-    def __init__(self, file: IO[bytes], limit: int) -> None:
-        self._file = file
-        self._limit = limit
-        self._pending = bytearray()
-        self.size = 0
-
-    async def add(self, data: bytes) -> None:
-        """Appends ``data``; RESOURCE_EXHAUSTED once the upload passes the limit."""
-        self.size += len(data)
-        if self.size > self._limit:
-            raise ResourceExhaustedError(
-                f"the target video is larger than this server's limit of {self._limit} bytes"
-            )
-        self._pending += data
-        if len(self._pending) >= _SPOOL_WRITE_BYTES:
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Writes what is pending."""
-        if self._pending:
-            pending, self._pending = bytes(self._pending), bytearray()
-            await _blocking(_write_spool, self._file, pending)
-
-
-def _write_spool(file: IO[bytes], data: bytes) -> None:
-    try:
-        file.write(data)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise ResourceExhaustedError("the server's spool disk is full; retry later") from None
-        raise
-
-
-# --- the servicer -------------------------------------------------------------------------
-
-
-async def _discard_rest(requests: AsyncIterator[swap_pb2.SwapVideoRequest]) -> None:
-    """Reads and drops what the client still sends, within bounds, before an error is sent.
-
-    A grpc.aio client whose write crosses the server's status reports INTERNAL "Internal
-    error from Core" instead of that status (grpc/grpc#36066). Reading until the client
-    half-closes avoids the race for small uploads; the bounds keep a huge upload from
-    being read in full only to be refused.
-    """
-    discarded = 0
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(_DISCARD_MAX_S):
-            async for message in requests:
-                discarded += message.ByteSize()
-                if discarded > _DISCARD_MAX_BYTES:
-                    return
-
-
 async def _first_message(
     requests: AsyncIterator[swap_pb2.SwapVideoRequest],
 ) -> swap_pb2.SwapVideoRequest | None:
@@ -590,7 +321,7 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
     def __init__(self, pipeline: SwapPipeline, settings: OrchestratorSettings) -> None:
         self.pipeline = pipeline
         self.settings = settings
-        self._slots = _JobSlots(settings.max_concurrent_jobs)
+        self._slots = JobSlots(settings.max_concurrent_jobs)
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -679,9 +410,9 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
         try:
             ticket = self._slots.acquire("video")
         except ResourceExhaustedError:
-            await _discard_rest(request_iterator)
+            await discard_rest(request_iterator)
             raise
-        job = _VideoJob(ticket, self.settings.spool_dir)
+        job = VideoJob(ticket, self.settings.spool_dir)
         # The generator may be left suspended at a yield when the client goes away; the
         # RPC's done callback still releases the job's files and task promptly.
         context.add_done_callback(lambda _: job.close_soon())
@@ -692,13 +423,13 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
         except Exception:
             job.state = "failed"
             if not job.upload_done:
-                await _discard_rest(request_iterator)
+                await discard_rest(request_iterator)
             raise
         finally:
             await job.close()
 
     async def _read_config(
-        self, job: _VideoJob, requests: AsyncIterator[swap_pb2.SwapVideoRequest]
+        self, job: VideoJob, requests: AsyncIterator[swap_pb2.SwapVideoRequest]
     ) -> swap_pb2.SwapVideoConfig:
         first = await _first_message(requests)
         job.upload_done = first is None
@@ -720,12 +451,12 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
         return config
 
     async def _spool(
-        self, job: _VideoJob, requests: AsyncIterator[swap_pb2.SwapVideoRequest], path: Path
+        self, job: VideoJob, requests: AsyncIterator[swap_pb2.SwapVideoRequest], path: Path
     ) -> int:
         """Writes the chunks to ``path`` until the client half-closes; returns the size."""
-        file = await _blocking(lambda: path.open("wb"))
+        file = await run_blocking(lambda: path.open("wb"))
         try:
-            spool = _Spool(file, self.settings.max_upload_bytes)
+            spool = Spool(file, self.settings.max_upload_bytes)
             async for message in requests:
                 kind = message.WhichOneof("message")
                 if kind == "config":
@@ -737,11 +468,11 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
             await spool.flush()
             return spool.size
         finally:
-            await _blocking(file.close)
+            await run_blocking(file.close)
 
     def _open_writer(
-        self, job: _VideoJob, target: Path, info: VideoInfo, output: VideoOutput
-    ) -> _GuardedWriter:
+        self, job: VideoJob, target: Path, info: VideoInfo, output: VideoOutput
+    ) -> GuardedWriter:
         assert job.directory is not None
         writer = VideoWriter(
             job.directory / f"output{output.suffix}",
@@ -755,20 +486,20 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
             field=VIDEO_FIELD,
         )
         writer.open()
-        return _GuardedWriter(writer)
+        return GuardedWriter(writer)
 
     async def _render(
-        self, job: _VideoJob, identity: Embedding, params: SwapParams, progress: _Progress
+        self, job: VideoJob, identity: Embedding, params: SwapParams, progress: JobProgress
     ) -> StreamStats:
         assert job.frames is not None and job.writer is not None
         stats = await self.pipeline.swap_stream(
             job.frames, job.writer.write, identity, params, progress.update
         )
-        await _blocking(job.writer.commit)
+        await run_blocking(job.writer.commit)
         return stats
 
     async def _swap_video(
-        self, job: _VideoJob, requests: AsyncIterator[swap_pb2.SwapVideoRequest]
+        self, job: VideoJob, requests: AsyncIterator[swap_pb2.SwapVideoRequest]
     ) -> AsyncIterator[swap_pb2.SwapVideoResponse]:
         config = await self._read_config(job, requests)
         output = video_output_from_proto(config.output)
@@ -787,12 +518,12 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
             raise InvalidArgumentError(
                 VIDEO_FIELD, "target video is empty: send its bytes in chunks after the config"
             )
-        info = await _blocking(lambda: probe(target, field=VIDEO_FIELD))
-        job.writer = await _blocking(self._open_writer, job, target, info, output)
+        info = await run_blocking(lambda: probe(target, field=VIDEO_FIELD))
+        job.writer = await run_blocking(self._open_writer, job, target, info, output)
         output_fps = job.writer.writer.fps
         decoder = iter_frames(target, field=VIDEO_FIELD)
-        job.frames = _GuardedFrames(resample_frames(decoder, info.fps, output_fps), decoder)
-        progress = _Progress(resampled_count(info.frame_count, info.fps, output_fps))
+        job.frames = GuardedFrames(resample_frames(decoder, info.fps, output_fps), decoder)
+        progress = JobProgress(resampled_count(info.frame_count, info.fps, output_fps))
         job.task = asyncio.create_task(self._render(job, identity, params, progress))
 
         yield progress.message()
@@ -807,7 +538,7 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
         yield progress.message(final=True)
 
         path = job.writer.writer.path
-        size = (await _blocking(path.stat)).st_size
+        size = (await run_blocking(path.stat)).st_size
         yield swap_pb2.SwapVideoResponse(
             result=swap_pb2.SwapVideoResult(
                 frames_total=stats.frames,
@@ -817,12 +548,12 @@ class FaceSwapServicer(swap_pb2_grpc.FaceSwapServiceServicer):
                 mime_type=output.mime_type,
             )
         )
-        file = await _blocking(lambda: path.open("rb"))
+        file = await run_blocking(lambda: path.open("rb"))
         try:
-            while chunk := await _blocking(file.read, self.settings.chunk_bytes):
+            while chunk := await run_blocking(file.read, self.settings.chunk_bytes):
                 yield swap_pb2.SwapVideoResponse(chunk=chunk)
         finally:
-            await _blocking(file.close)
+            await run_blocking(file.close)
 
 
 async def build_orchestrator(
