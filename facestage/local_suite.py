@@ -86,6 +86,11 @@ class StageProcess:
             f"{self.stage} did not report SERVING within {timeout_s:.0f} s:\n{self.log_tail()}"
         )
 
+    def request_stop(self) -> None:
+        """Sends SIGTERM (graceful drain) without waiting."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout_s: float = 15.0) -> int:
         """SIGTERM (graceful drain), then SIGKILL after ``timeout_s``; returns the exit code."""
         if self.process.poll() is None:
@@ -167,5 +172,8 @@ def local_stages(
             process.wait_serving(timeout_s)
         yield started
     finally:
+        # Drain all at once rather than one after the other.
+        for process in started.values():
+            process.request_stop()
         for process in started.values():
             process.stop()
