@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from facestage.alignment import align_face, box_mask, paste_back  # noqa: E402
 from facestage.common.v1 import common_pb2  # noqa: E402
-from facestage.local_suite import StageProcess, free_port, local_stages  # noqa: E402
+from facestage.local_suite import StageProcess, local_stages, start_orchestrator  # noqa: E402
 from facestage.runtime import open_session  # noqa: E402
 from facestage.swap.v1 import swap_pb2, swap_pb2_grpc  # noqa: E402
 from orchestrator.video import VideoWriter, iter_frames, probe  # noqa: E402
@@ -69,34 +69,7 @@ def source_jpeg() -> bytes:
 @contextlib.contextmanager
 def orchestrator_process(targets: dict[str, str], log_dir: Path) -> Iterator[StageProcess]:
     """``facestage serve`` as its own process, so its memory is its own."""
-    import os
-    import subprocess
-
-    port, metrics_port = free_port(), free_port()
-    log_path = log_dir / f"orchestrator-{port}.log"
-    log = log_path.open("wb")
-    args = [
-        sys.executable,
-        "-m",
-        "facestage.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--metrics-host",
-        "127.0.0.1",
-        *[f"--{stage}={target}" for stage, target in targets.items()],
-    ]
-    process = subprocess.Popen(
-        args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    orchestrator = StageProcess(
-        "detector", "", "127.0.0.1", port, metrics_port, process, log_path, log
-    )
-    orchestrator.stage = "orchestrator"  # type: ignore[assignment]
+    orchestrator = start_orchestrator(targets, log_dir=log_dir)
     try:
         orchestrator.wait_serving(120)
         yield orchestrator

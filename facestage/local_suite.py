@@ -49,7 +49,7 @@ def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> in
 class StageProcess:
     """A stage service running as a child process."""
 
-    stage: Stage
+    stage: str
     model: str
     host: str
     port: int
@@ -146,6 +146,33 @@ def start_stage(
         start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we drain them
     )
     return StageProcess(stage, str(model), host, port, metrics_port, process, log_path, log_file)
+
+
+def start_orchestrator(
+    targets: Mapping[str, str],
+    *,
+    host: str = "127.0.0.1",
+    extra_args: Sequence[str] = (),
+    log_dir: Path | None = None,
+) -> StageProcess:
+    """Starts ``facestage serve`` in front of stage ``targets`` on free loopback ports."""
+    port, metrics_port = free_port(host), free_port(host)
+    log_path = (log_dir or Path(tempfile.gettempdir())) / f"facestage-orchestrator-{port}.log"
+    log_file = log_path.open("wb")
+    args = [
+        sys.executable, "-m", "facestage.cli", "serve", "--host", host, "--port", str(port),
+        "--metrics-port", str(metrics_port), "--metrics-host", host,
+        *[f"--{stage}={target}" for stage, target in targets.items()],
+        *extra_args,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        args,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    return StageProcess("orchestrator", "", host, port, metrics_port, process, log_path, log_file)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from facestage.alignment import template_points
 from facestage.batching import DynamicBatcher
 from facestage.common.v1 import common_pb2
 from facestage.errors import InvalidArgumentError, ModelFileError
-from facestage.imaging import decode_image
+from facestage.imaging import decode_image, encode_image, reply_channel_order
 from facestage.runtime import LoadedModel, open_session
 from facestage.server import GrpcServer, ServiceBinding, configure_logging
 from facestage.settings import StageSettings, parse_settings
@@ -81,6 +81,16 @@ def check_crop_size(frames: Sequence[VisionFrame], size_px: int, field_name: str
                 f"{size_px}x{size_px} crops aligned to its template (see GetModelInfo)",
             )
     return np.stack(frames)
+
+
+def encode_crops(
+    crops: Sequence[VisionFrame], requested: Sequence[common_pb2.Image], image_format: int
+) -> list[common_pb2.Image]:
+    """Answer crops in the requested format, raw ones in each request crop's channel order."""
+    return [
+        encode_image(crop, image_format, reply_channel_order(source))
+        for crop, source in zip(crops, requested, strict=True)
+    ]
 
 
 def build_model_info(

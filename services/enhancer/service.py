@@ -9,7 +9,6 @@ import numpy as np
 
 from facestage.enhancer.v1 import enhancer_pb2, enhancer_pb2_grpc
 from facestage.errors import InvalidArgumentError
-from facestage.imaging import encode_image, reply_channel_order
 from facestage.runtime import LoadedModel
 from facestage.server import ServiceBinding
 from facestage.settings import StageSettings, stage_settings_class
@@ -19,6 +18,7 @@ from facestage.stage import (
     check_batch,
     check_crop_size,
     decode_images,
+    encode_crops,
     make_batcher,
 )
 from facestage.types import Crop
@@ -55,10 +55,7 @@ class EnhancerServicer(enhancer_pb2_grpc.EnhancerServiceServicer):
         key = round(weight, 4) if self.enhancer.has_fidelity_weight else None
         enhanced: list[Crop] = await self.service.batcher.submit(list(crops), key)
         return enhancer_pb2.EnhanceFacesResponse(
-            enhanced_crops=[
-                encode_image(crop, request.output_format, reply_channel_order(source))
-                for crop, source in zip(enhanced, request.crops, strict=True)
-            ]
+            enhanced_crops=encode_crops(enhanced, request.crops, request.output_format)
         )
 
     async def GetModelInfo(

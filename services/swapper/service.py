@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from facestage.faces import embeddings_from_proto
-from facestage.imaging import encode_image, reply_channel_order
 from facestage.runtime import LoadedModel
 from facestage.server import ServiceBinding
 from facestage.settings import StageSettings, stage_settings_class
@@ -18,6 +17,7 @@ from facestage.stage import (
     check_batch,
     check_crop_size,
     decode_images,
+    encode_crops,
     make_batcher,
 )
 from facestage.swapper.v1 import swapper_pb2, swapper_pb2_grpc
@@ -55,10 +55,7 @@ class SwapperServicer(swapper_pb2_grpc.SwapperServiceServicer):
             list(zip(crops, embeddings, strict=True))
         )
         return swapper_pb2.SwapFacesResponse(
-            swapped_crops=[
-                encode_image(crop, request.output_format, reply_channel_order(source))
-                for crop, source in zip(swapped, request.target_crops, strict=True)
-            ]
+            swapped_crops=encode_crops(swapped, request.target_crops, request.output_format)
         )
 
     async def GetModelInfo(

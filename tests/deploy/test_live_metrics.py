@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest
 import yaml
 
 from facestage.common.v1 import common_pb2
-from facestage.local_suite import StageProcess, free_port, local_stages
+from facestage.local_suite import StageProcess, free_port, local_stages, start_orchestrator
 from facestage.metrics import GPU_METRIC_NAMES
 from facestage.swap.v1 import swap_pb2, swap_pb2_grpc
 from tests.deploy.helpers import RULE_FILES, metric_names_used
@@ -57,29 +56,8 @@ def suite(
         extra_args={s: ["--providers", "cpu"] for s in models},  # type: ignore[misc]
         log_dir=tmp,
     ) as stages:
-        port, metrics_port = free_port(), free_port()
-        log_path = tmp / "orchestrator.log"
-        log = log_path.open("wb")
-        process = subprocess.Popen(
-            [
-                str(BIN / "facestage"),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--metrics-port",
-                str(metrics_port),
-                "--metrics-host",
-                "127.0.0.1",
-                *[f"--{stage}={p.address}" for stage, p in stages.items()],
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        orchestrator = StageProcess(
-            "detector", "", "127.0.0.1", port, metrics_port, process, log_path, log
+        orchestrator = start_orchestrator(
+            {stage: p.address for stage, p in stages.items()}, log_dir=tmp
         )
         try:
             orchestrator.wait_serving(120)

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from facestage.common.v1 import common_pb2
-from facestage.local_suite import StageProcess, free_port, local_stages
+from facestage.local_suite import StageProcess, local_stages
+from facestage.local_suite import start_orchestrator as launch_orchestrator
 from facestage.runtime import open_session
 from facestage.swap.v1 import swap_pb2, swap_pb2_grpc
 from orchestrator.video import VideoWriter, iter_frames, probe
@@ -62,35 +63,11 @@ def stages(
 def start_orchestrator(
     stages: dict[str, StageProcess], spool: Path, log_dir: Path, **extra: str
 ) -> StageProcess:
-    port, metrics_port = free_port(), free_port()
-    log_path = log_dir / f"orchestrator-{port}.log"
-    log = log_path.open("wb")
-    flags = [f"--{stage}={p.address}" for stage, p in stages.items()]
+    """``facestage serve`` (the console script's code) in front of ``stages``, SERVING."""
+    flags = ["--spool-dir", str(spool), "--call-timeout-s", "20"]
     flags += [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
-    process = subprocess.Popen(
-        [
-            str(BIN / "facestage"),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--metrics-host",
-            "127.0.0.1",
-            "--spool-dir",
-            str(spool),
-            "--call-timeout-s",
-            "20",
-            *flags,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    orchestrator = StageProcess(
-        "detector", "", "127.0.0.1", port, metrics_port, process, log_path, log
+    orchestrator = launch_orchestrator(
+        {stage: p.address for stage, p in stages.items()}, extra_args=flags, log_dir=log_dir
     )
     try:
         orchestrator.wait_serving(120)
