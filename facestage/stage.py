@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 
 from facestage import metrics
@@ -34,11 +35,20 @@ log = logging.getLogger(__name__)
 class StageService:
     """A built stage: its gRPC bindings, a warm-up, and what to close at shutdown."""
 
-    bindings: Sequence[ServiceBinding]
     warmup: Callable[[], Awaitable[None]]
     batcher: DynamicBatcher[Any, Any]
     model_info: common_pb2.ModelInfo
-    extra: dict[str, Any] = field(default_factory=dict)
+    bindings: Sequence[ServiceBinding] = field(default_factory=list)
+
+    def bind(
+        self,
+        servicer: Any,
+        add_to_server: Callable[[Any, grpc.aio.Server], None],
+        service_name: str,
+    ) -> StageService:
+        """Attaches the stage's servicer (built with this object) and returns self."""
+        self.bindings = [ServiceBinding(servicer, add_to_server, service_name)]
+        return self
 
     async def close(self) -> None:
         """Fails queued work with UNAVAILABLE and stops the batcher's threads."""

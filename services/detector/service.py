@@ -9,7 +9,6 @@ from facestage.common.v1 import common_pb2
 from facestage.detector.v1 import detector_pb2, detector_pb2_grpc
 from facestage.faces import face_to_proto
 from facestage.runtime import LoadedModel
-from facestage.server import ServiceBinding
 from facestage.settings import StageSettings, stage_settings_class
 from facestage.stage import (
     StageService,
@@ -92,11 +91,9 @@ def build(settings: StageSettings, model: LoadedModel) -> StageService:
     async def warmup() -> None:
         await batcher.submit([warmup_frame(size)], DetectionOptions(detection_size_px=size))
 
-    service = StageService(bindings=[], warmup=warmup, batcher=batcher, model_info=info)
-    servicer = DetectorServicer(settings, detector, service)
-    service.bindings = [
-        ServiceBinding(
-            servicer, detector_pb2_grpc.add_DetectorServiceServicer_to_server, SERVICE_NAME
-        )
-    ]
-    return service
+    service = StageService(warmup=warmup, batcher=batcher, model_info=info)
+    return service.bind(
+        DetectorServicer(settings, detector, service),
+        detector_pb2_grpc.add_DetectorServiceServicer_to_server,
+        SERVICE_NAME,
+    )

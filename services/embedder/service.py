@@ -14,7 +14,6 @@ from facestage.errors import InvalidArgumentError
 from facestage.faces import embedding_to_proto, landmarks_from_proto
 from facestage.imaging import decode_image
 from facestage.runtime import LoadedModel
-from facestage.server import ServiceBinding
 from facestage.settings import StageSettings, stage_settings_class
 from facestage.stage import StageService, build_model_info, check_batch, make_batcher
 from facestage.types import Crop
@@ -106,11 +105,9 @@ def build(settings: StageSettings, model: LoadedModel) -> StageService:
     async def warmup() -> None:
         await batcher.submit([np.zeros((size, size, 3), dtype=np.uint8)])
 
-    service = StageService(bindings=[], warmup=warmup, batcher=batcher, model_info=info)
-    servicer = EmbedderServicer(settings, embedder, service)
-    service.bindings = [
-        ServiceBinding(
-            servicer, embedder_pb2_grpc.add_EmbedderServiceServicer_to_server, SERVICE_NAME
-        )
-    ]
-    return service
+    service = StageService(warmup=warmup, batcher=batcher, model_info=info)
+    return service.bind(
+        EmbedderServicer(settings, embedder, service),
+        embedder_pb2_grpc.add_EmbedderServiceServicer_to_server,
+        SERVICE_NAME,
+    )

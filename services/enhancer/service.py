@@ -10,7 +10,6 @@ import numpy as np
 from facestage.enhancer.v1 import enhancer_pb2, enhancer_pb2_grpc
 from facestage.errors import InvalidArgumentError
 from facestage.runtime import LoadedModel
-from facestage.server import ServiceBinding
 from facestage.settings import StageSettings, stage_settings_class
 from facestage.stage import (
     StageService,
@@ -86,11 +85,9 @@ def build(settings: StageSettings, model: LoadedModel) -> StageService:
     async def warmup() -> None:
         await batcher.submit([np.zeros((size, size, 3), dtype=np.uint8)])
 
-    service = StageService(bindings=[], warmup=warmup, batcher=batcher, model_info=info)
-    servicer = EnhancerServicer(settings, enhancer, service)
-    service.bindings = [
-        ServiceBinding(
-            servicer, enhancer_pb2_grpc.add_EnhancerServiceServicer_to_server, SERVICE_NAME
-        )
-    ]
-    return service
+    service = StageService(warmup=warmup, batcher=batcher, model_info=info)
+    return service.bind(
+        EnhancerServicer(settings, enhancer, service),
+        enhancer_pb2_grpc.add_EnhancerServiceServicer_to_server,
+        SERVICE_NAME,
+    )

@@ -9,7 +9,6 @@ import numpy as np
 
 from facestage.faces import embeddings_from_proto
 from facestage.runtime import LoadedModel
-from facestage.server import ServiceBinding
 from facestage.settings import StageSettings, stage_settings_class
 from facestage.stage import (
     StageService,
@@ -89,11 +88,9 @@ def build(settings: StageSettings, model: LoadedModel) -> StageService:
         embedding = np.ones(swapper.embedding_size, dtype=np.float32)
         await batcher.submit([(np.zeros((size, size, 3), dtype=np.uint8), embedding)])
 
-    service = StageService(bindings=[], warmup=warmup, batcher=batcher, model_info=info)
-    servicer = SwapperServicer(settings, swapper, service)
-    service.bindings = [
-        ServiceBinding(
-            servicer, swapper_pb2_grpc.add_SwapperServiceServicer_to_server, SERVICE_NAME
-        )
-    ]
-    return service
+    service = StageService(warmup=warmup, batcher=batcher, model_info=info)
+    return service.bind(
+        SwapperServicer(settings, swapper, service),
+        swapper_pb2_grpc.add_SwapperServiceServicer_to_server,
+        SERVICE_NAME,
+    )
