@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -93,6 +93,25 @@ class _Batch:
 
 
 _DONE: Any = object()
+T = TypeVar("T")
+
+
+class _Threads:
+    """Blocking calls in worker threads that outlive a cancelled awaiter, and can be
+    waited for (a cancelled ``asyncio.to_thread`` leaves its thread running unseen)."""
+
+    def __init__(self) -> None:
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return await asyncio.shield(future)
+
+    async def wait(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending))
 
 
 class FpsMeter:
@@ -320,20 +339,24 @@ class SwapPipeline:
             gauges[name].set(queues[name].qsize())
             return item
 
+        stopping = threading.Event()
+        threads = _Threads()
+
         def read_batch() -> list[VisionFrame]:
-            batch = []
-            for frame in frames:
+            batch: list[VisionFrame] = []
+            while len(batch) < settings.batch_size and not stopping.is_set():
+                frame = next(frames, None)
+                if frame is None:
+                    break
                 # Decoders may hand out read-only buffers; pasting back writes in place.
                 batch.append(frame if frame.flags.writeable else np.array(frame, copy=True))
-                if len(batch) == settings.batch_size:
-                    break
             return batch
 
         async def read() -> None:
             seq = 0
             while True:
                 await room.acquire()
-                batch = await asyncio.to_thread(read_batch)
+                batch = await threads.run(read_batch)
                 if not batch:
                     room.release()
                     break
@@ -364,7 +387,7 @@ class SwapPipeline:
                 waiting[item.seq] = item
                 while next_seq in waiting:
                     batch = waiting.pop(next_seq)
-                    await asyncio.to_thread(write_batch, batch)
+                    await threads.run(write_batch, batch)
                     swapped = sum(len(f.swapped) for f in batch.faces)
                     stats.frames += len(batch.frames)
                     stats.frames_with_swaps += sum(1 for f in batch.faces if f.swapped)
@@ -390,6 +413,11 @@ class SwapPipeline:
                 first = first.exceptions[0]
             raise first from None
         finally:
+            # A thread cannot be interrupted: stop the reader between frames and wait for
+            # any read or write still running, so nothing touches the decoder or the
+            # encoder after swap_stream has returned or raised.
+            stopping.set()
+            await threads.wait()
             for gauge in gauges.values():
                 gauge.set(0)
         stats.seconds = time.monotonic() - started
